@@ -1,0 +1,477 @@
+"""Datasets, seeded splits and batched tensor augmentation.
+
+Every dataset is held whole in memory as uint8 (N, 3, H, W) tensors (CIFAR is 150 MB), and a
+`Loader` moves its split to the training device once: a step then never waits on a host
+transfer or a worker process. Augmentation (crop, flip, cutout) runs on whole batches with
+tensor ops, never per image through PIL.
+
+Reproducibility: the split depends only on (dataset, seed, limit, val_fraction); a training
+epoch depends only on its seed, and batch s of an epoch only on (seed, s), so a run resumed
+mid-epoch sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import MgError
+from .recipe import DataConfig
+
+# Per-channel statistics of the training sets (pixels scaled to [0, 1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+PAD = 4  # random crop: zero padding on each side, as in the WRN and MixtureGrowth recipes
+IMAGEFOLDER_TEST_FRACTION = 0.1  # held out as test when an image folder has no val/test split
+DEFAULT_ROOT = Path("~/.cache/mg")
+
+
+@dataclass
+class Split:
+    images: Tensor  # uint8 (N, 3, H, W)
+    labels: Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def subset(self, index: Tensor) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split  # held out of the train pool (seeded); empty when val_fraction == 0
+    test: Split
+    classes: int
+    mean: tuple[float, float, float]  # normalisation constants the loaders must use
+    std: tuple[float, float, float]
+
+
+# ---------------------------------------------------------------- class counts
+
+
+def num_classes(cfg: DataConfig) -> int:
+    """The class count, read without loading any image (mg flops and model building use it)."""
+    if cfg.dataset == "cifar10":
+        return 10
+    if cfg.dataset == "cifar100":
+        return 100
+    if cfg.dataset == "synthetic":
+        return cfg.synthetic_classes
+    if cfg.classes is not None:
+        return cfg.classes
+    if cfg.dataset == "npz":
+        path = _npz_path(cfg)
+        with _open_npz(path) as z:  # an NpzFile reads one member at a time: images stay on disk
+            return _npz_classes(z, path, None)
+    from torchvision.datasets.folder import find_classes
+
+    train_dir, _ = _imagefolder_dirs(cfg)
+    try:
+        return len(find_classes(train_dir)[0])
+    except OSError as e:
+        raise MgError(f"{train_dir}: no class folders ({e})") from None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_data(cfg: DataConfig, seed: int) -> Data:
+    """Load a dataset and split its train pool into train and val (seeded)."""
+    if cfg.dataset == "npz":
+        pool, test, classes = _load_npz(cfg)
+    elif cfg.dataset in ("cifar10", "cifar100"):
+        pool, test, classes = _load_cifar(cfg)
+    elif cfg.dataset == "imagefolder":
+        pool, test, classes = _load_imagefolder(cfg)
+    elif cfg.dataset == "synthetic":
+        pool, test, classes = _synthetic(cfg, seed)
+    else:  # pragma: no cover - the recipe's Literal rules this out
+        raise MgError(f"data.dataset: unknown dataset {cfg.dataset!r}")
+    train, val = _split(pool, seed, cfg.limit, cfg.val_fraction)
+    if cfg.dataset == "cifar100":
+        mean, std = CIFAR100_MEAN, CIFAR100_STD
+    else:
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    return Data(train, val, test, classes, mean, std)
+
+
+def _split(pool: Split, seed: int, limit: int | None, val_fraction: float) -> tuple[Split, Split]:
+    """Seeded permutation of the pool, then the first `limit`, then hold out val from those."""
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    if limit is not None:
+        order = order[:limit]
+    n = len(order)
+    n_val = round(val_fraction * n)
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, max(n - 1, 0))  # always leave at least one training image
+    return pool.subset(order[n_val:]), pool.subset(order[:n_val])
+
+
+def _hwc_to_split(images: np.ndarray, labels: Any) -> Split:
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return Split(x, torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+# npz: the layout of shared/data/README.md
+
+
+def _npz_path(cfg: DataConfig) -> Path:
+    if not cfg.path:
+        raise MgError("data.path: the npz dataset needs a path to an .npz file")
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise MgError(f"{path}: npz file not found (data.path)")
+    return path
+
+
+def _open_npz(path: Path) -> Any:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises several types for a file that is not an npz
+        raise MgError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _npz_get(z: Any, path: Path, key: str) -> np.ndarray:
+    if key not in z.files:
+        raise MgError(f"{path}: key '{key}' missing (found: {', '.join(z.files) or 'none'})")
+    try:
+        return z[key]
+    except Exception as e:  # pickled object arrays, corrupt zip members
+        raise MgError(f"{path}: key '{key}' cannot be read ({e})") from None
+
+
+def _npz_classes(z: Any, path: Path, override: int | None) -> int:
+    if override is not None:
+        return override
+    if "classes" not in z.files:
+        raise MgError(f"{path}: key 'classes' missing (add it, or set data.classes)")
+    names = _npz_get(z, path, "classes")
+    if names.ndim != 1 or len(names) < 2:
+        raise MgError(f"{path}: key 'classes': expected a list of >= 2 names, got shape "
+                      f"{names.shape}")
+    return len(names)
+
+
+def _load_npz(cfg: DataConfig) -> tuple[Split, Split, int]:
+    path = _npz_path(cfg)
+    with _open_npz(path) as z:
+        classes = _npz_classes(z, path, cfg.classes)
+        out = []
+        for part in ("train", "test"):
+            x = _npz_get(z, path, f"x_{part}")
+            y = _npz_get(z, path, f"y_{part}")
+            _check_npz_part(path, part, x, y, classes)
+            out.append((x, y))
+    (xtr, ytr), (xte, yte) = out
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise MgError(f"{path}: key 'x_test': image shape {xte.shape[1:]} differs from "
+                      f"x_train's {xtr.shape[1:]}")
+    return _hwc_to_split(xtr, ytr), _hwc_to_split(xte, yte), classes
+
+
+def _check_npz_part(path: Path, part: str, x: np.ndarray, y: np.ndarray, classes: int) -> None:
+    kx, ky = f"x_{part}", f"y_{part}"
+    if x.dtype != np.uint8:
+        raise MgError(f"{path}: key '{kx}': expected dtype uint8, got {x.dtype}")
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
+        raise MgError(f"{path}: key '{kx}': expected shape (N, H, W, 3) with N > 0 (HWC RGB), "
+                      f"got {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise MgError(f"{path}: key '{ky}': expected integer labels, got dtype {y.dtype}")
+    if y.shape != (x.shape[0],):
+        raise MgError(f"{path}: key '{ky}': expected shape ({x.shape[0]},) to match '{kx}', "
+                      f"got {y.shape}")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= classes:
+        raise MgError(f"{path}: key '{ky}': labels must lie in 0..{classes - 1}, found "
+                      f"{lo}..{hi}")
+
+
+# cifar10 / cifar100 through torchvision
+
+
+def _load_cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, name, classes = (CIFAR10, "CIFAR-10", 10) if cfg.dataset == "cifar10" else (
+        CIFAR100, "CIFAR-100", 100)
+    root = Path(cfg.path).expanduser() if cfg.path else DEFAULT_ROOT.expanduser()
+    where = root / cls.base_folder
+    try:
+        # torchvision prints download progress; mg's stdout is reserved for results.
+        with contextlib.redirect_stdout(sys.stderr):
+            train = cls(str(root), train=True, download=cfg.download)
+            test = cls(str(root), train=False, download=False)
+    except Exception as e:  # no internet, bad checksum, unreadable files: all the user's to fix
+        if cfg.download:
+            raise MgError(
+                f"{where}: {name} is missing and the download failed ({e}); connect to the "
+                f"internet, or extract {cls.filename} from another machine into {root} "
+                f"(data.path)") from None
+        raise MgError(
+            f"{where}: {name} not found or corrupted; set data.download = true (needs internet) "
+            f"or extract {cls.filename} into {root} (data.path)") from None
+    return _hwc_to_split(train.data, train.targets), _hwc_to_split(test.data, test.targets), \
+        classes
+
+
+# imagefolder: class subfolders of images, decoded once into memory
+
+
+def _imagefolder_dirs(cfg: DataConfig) -> tuple[Path, Path | None]:
+    """(train dir, test dir or None). root/train + root/val|test, else root alone."""
+    if not cfg.path:
+        raise MgError("data.path: the imagefolder dataset needs a folder")
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise MgError(f"{root}: image folder not found (data.path)")
+    if (root / "train").is_dir():
+        for name in ("val", "test"):
+            if (root / name).is_dir():
+                return root / "train", root / name
+        return root / "train", None
+    return root, None
+
+
+def _decode(path: str, size: int) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            # Shorter side to `size`, centre crop: a square without distorting the aspect.
+            img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except OSError as e:
+        raise MgError(f"{path}: cannot decode image ({e})") from None
+
+
+def _decode_all(samples: list[tuple[str, int]], size: int, workers: int) -> Split:
+    paths = [p for p, _ in samples]
+    if workers > 0:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # PIL releases the GIL while decoding and resizing, so threads scale.
+        with ThreadPoolExecutor(workers) as pool:
+            arrays = list(pool.map(lambda p: _decode(p, size), paths))
+    else:
+        arrays = [_decode(p, size) for p in paths]
+    return _hwc_to_split(np.stack(arrays), [c for _, c in samples])
+
+
+def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
+    """Decode every image into memory at image_size x image_size: for datasets that fit in RAM."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    train_dir, test_dir = _imagefolder_dirs(cfg)
+    try:
+        listing = ImageFolder(str(train_dir))  # lists files and classes; we decode ourselves
+    except OSError as e:
+        raise MgError(f"{train_dir}: not an image folder ({e})") from None
+    classes = cfg.classes if cfg.classes is not None else len(listing.classes)
+    if classes < len(listing.classes):
+        raise MgError(f"{train_dir}: {len(listing.classes)} class folders but data.classes is "
+                      f"{classes}")
+    test_samples: list[tuple[str, int]] = []
+    if test_dir is not None:
+        try:
+            unknown = set(find_classes(test_dir)[0]) - set(listing.class_to_idx)
+        except OSError as e:
+            raise MgError(f"{test_dir}: no class folders ({e})") from None
+        if unknown:
+            raise MgError(f"{test_dir}: class folders not in {train_dir}: "
+                          f"{', '.join(sorted(unknown))}")
+        # Label by the train folder's class indices, so a class missing from val keeps its id.
+        test_samples = make_dataset(str(test_dir), listing.class_to_idx,
+                                    extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not test_samples:
+            raise MgError(f"{test_dir}: no images found")
+    pool = _decode_all(listing.samples, cfg.image_size, cfg.workers)
+    if test_dir is not None:
+        return pool, _decode_all(test_samples, cfg.image_size, cfg.workers), classes
+    if len(pool) < 2:
+        raise MgError(f"{train_dir}: need at least 2 images to hold out a test split")
+    # Fixed seed, not the run's: every run of this folder is tested on the same images.
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+    n_test = min(max(1, round(IMAGEFOLDER_TEST_FRACTION * len(pool))), len(pool) - 1)
+    return pool.subset(order[n_test:]), pool.subset(order[:n_test]), classes
+
+
+# synthetic: learnable images for smoke tests, no files needed
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> tuple[Split, Split, int]:
+    """Class prototypes (a smooth colour pattern each) plus heavy per-image noise.
+
+    A linear model separates the classes, so a few steps of training beat chance clearly,
+    but individual pixels are too noisy to be read off directly.
+    """
+    g = torch.Generator().manual_seed(seed)
+    k, size = cfg.synthetic_classes, 32
+    coarse = torch.randn(k, 3, 4, 4, generator=g)
+    pattern = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    pattern = pattern / pattern.std(dim=(1, 2, 3), keepdim=True)
+    colour = 0.5 * torch.randn(k, 3, 1, 1, generator=g)
+    proto = 128 + 40 * (pattern + colour)
+
+    def make(n: int) -> Split:
+        labels = torch.arange(n) % k  # round robin: every prefix is balanced
+        chunks = []
+        for lo in range(0, n, 4096):  # bounded float memory for large requests
+            y = labels[lo:lo + 4096]
+            noise = 64 * torch.randn(len(y), 3, size, size, generator=g)
+            bright = 16 * torch.randn(len(y), 1, 1, 1, generator=g)
+            chunks.append((proto[y] + noise + bright).round().clamp(0, 255).to(torch.uint8))
+        return Split(torch.cat(chunks), labels)
+
+    train = make(cfg.synthetic_images)
+    return train, make(max(1, cfg.synthetic_images // 5)), k
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _mix(seed: int, step: int) -> int:
+    """A 63-bit generator seed for batch `step` of the epoch seeded `seed`."""
+    digest = hashlib.blake2b(f"mg-aug:{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _draws(seed: int, step: int, batch: int, h: int, w: int) -> Tensor:
+    """Augmentation draws of one global batch: (batch, 5) = crop dy, dx, flip, cutout cy, cx.
+
+    Every draw is made whether or not its augmentation is on, so switching one on or off
+    leaves the others' draws unchanged.
+    """
+    g = torch.Generator().manual_seed(_mix(seed, step))
+    return torch.stack([
+        torch.randint(0, 2 * PAD + 1, (batch,), generator=g),
+        torch.randint(0, 2 * PAD + 1, (batch,), generator=g),
+        torch.randint(0, 2, (batch,), generator=g),
+        torch.randint(0, h, (batch,), generator=g),
+        torch.randint(0, w, (batch,), generator=g),
+    ], dim=1)
+
+
+def _share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous share of n items (sizes differ by at most one)."""
+    q, r = divmod(n, world)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
+
+
+class Loader:
+    """Batches of one split, augmented on tensors in batches (no per-image PIL), on `device`.
+
+    train=True: a seeded shuffle per epoch plus crop/flip/cutout; `batch_size` is the global
+    batch and rank r of `world` gets the r-th contiguous share of every global batch.
+    train=False: fixed order, no augmentation; rank r gets a disjoint contiguous shard of the
+    split (every image exactly once across ranks) in batches of `batch_size`.
+    A split smaller than one batch still gives one (short) batch, so tiny smoke runs train.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], train: bool, crop: bool = False,
+                 flip: bool = False, cutout: int = 0, device: torch.device | str = "cpu",
+                 drop_last: bool | None = None, rank: int = 0, world: int = 1):
+        if batch_size < 1:
+            raise MgError(f"batch size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world:
+            raise MgError(f"rank {rank} is outside 0..{world - 1}")
+        if train and batch_size % world:
+            raise MgError(f"batch size {batch_size} is not divisible by the {world} processes")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)  # once: no host transfer per step
+        self.labels = split.labels.to(self.device)
+        self.batch_size, self.train = batch_size, train
+        self.crop, self.flip, self.cutout = crop, flip, cutout
+        self.drop_last = train if drop_last is None else drop_last
+        self.rank, self.world = rank, world
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        # Images this rank walks through: the whole split (train) or its shard (eval).
+        self.lo, self.hi = (0, len(split)) if train else _share(len(split), rank, world)
+
+    def __len__(self) -> int:
+        n, b = self.hi - self.lo, self.batch_size
+        return n // b if (self.drop_last and n >= b) else -(-n // b)
+
+    def epoch(self, seed: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches from step `start` on: (float32 normalised images, int64 labels) on device."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"start step {start} is outside 0..{len(self)}")
+        return self._train_epoch(seed, start) if self.train else self._eval_epoch(start)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """uint8 pixels to float32 (x / 255 - mean) / std."""
+        return (x.float() / 255 - self.mean) / self.std
+
+    def _eval_epoch(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        b = self.batch_size
+        for s in range(start, len(self)):
+            lo, hi = self.lo + s * b, min(self.lo + (s + 1) * b, self.hi)
+            yield self.normalise(self.images[lo:hi]), self.labels[lo:hi]
+
+    def _train_epoch(self, seed: int, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        steps, b = len(self), self.batch_size
+        if start == steps:
+            return
+        order = torch.randperm(self.hi, generator=torch.Generator().manual_seed(seed))
+        _, _, h, w = self.images.shape
+        draws = torch.stack([_draws(seed, s, b, h, w) for s in range(start, steps)])
+        # One transfer per epoch; a per-step copy would synchronise the GPU every step.
+        order, draws = order.to(self.device), draws.to(self.device)
+        for s in range(start, steps):
+            index = order[s * b:(s + 1) * b]
+            lo, hi = _share(len(index), self.rank, self.world)
+            index = index[lo:hi]
+            yield self._augment(self.images[index], draws[s - start, lo:hi]), self.labels[index]
+
+    def _augment(self, x: Tensor, d: Tensor) -> Tensor:
+        """Crop and flip as one gather on uint8 pixels, then normalise, then cutout."""
+        n, c, h, w = x.shape
+        dev = x.device
+        if self.crop or self.flip:
+            rows = torch.arange(h, device=dev).expand(n, h)
+            cols = torch.arange(w, device=dev).expand(n, w)
+            if self.flip:  # mirrored column order for the flipped images
+                cols = torch.where(d[:, 2:3].bool(), w - 1 - cols, cols)
+            if self.crop:
+                # Zero padding in pixel space (black), as torchvision's RandomCrop(padding=4)
+                # on the raw image; the window's top-left corner in the padded image is (dy, dx).
+                x = F.pad(x, (PAD, PAD, PAD, PAD))
+                rows, cols = rows + d[:, 0:1], cols + d[:, 1:2]
+            x = x[torch.arange(n, device=dev).view(n, 1, 1, 1),
+                  torch.arange(c, device=dev).view(1, c, 1, 1),
+                  rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+        x = self.normalise(x)
+        if self.cutout:
+            # After normalisation, so the hole is 0 in normalised space (the dataset mean), as
+            # in DeVries & Taylor. Centre anywhere in the image: the square may be clipped.
+            y0 = d[:, 3:4] - self.cutout // 2
+            x0 = d[:, 4:5] - self.cutout // 2
+            ys = torch.arange(h, device=dev).view(1, h)
+            xs = torch.arange(w, device=dev).view(1, w)
+            in_y = (ys >= y0) & (ys < y0 + self.cutout)
+            in_x = (xs >= x0) & (xs < x0 + self.cutout)
+            x = x.masked_fill((in_y[:, :, None] & in_x[:, None, :])[:, None], 0.0)
+        return x
