@@ -9,13 +9,16 @@ member-major layout already makes them the stacked / concatenated grown layers.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import MgError
+from .plain import PlainConv2d, PlainLinear
 from .recipe import GrowConfig
 from .templates import TemplateConv2d
-from .wrn import WRN, build_model
+from .wrn import WRN, Arch, build_model, extract_member
 
 COEF_MODES = ("zero", "orthogonal", "copy", "random")
 
@@ -62,13 +65,10 @@ def new_coefs(diag: Tensor, mode: str, scale: float = 0.1, noise: float = 0.01,
 
 def grow_mixture(model: WRN, cfg: GrowConfig, seed: int = 0) -> WRN:
     """Grow a members-stage template WRN by recombining its templates (DESIGN §1)."""
-    arch = model.arch
-    if arch.grown:
-        raise MgError("this checkpoint is already grown; grow a members checkpoint")
-    if arch.kind != "template":
+    _check_members(model)
+    if model.arch.kind != "template":
         raise MgError("--method mixture needs a template model (model.kind = 'template')")
-    if arch.members < 2:
-        raise MgError("growth needs at least 2 members (model.members)")
+    arch = model.arch
     gen = torch.Generator().manual_seed(seed)
     grown = build_model(arch.as_grown())
     state = model.state_dict()
@@ -80,9 +80,106 @@ def grow_mixture(model: WRN, cfg: GrowConfig, seed: int = 0) -> WRN:
     return grown
 
 
+# ------------------------------------------------------------ baselines
+# Both baselines produce a *plain* grown net (ordinary weights of the grown shapes): they are
+# what the paper compares against, not template mixtures.
+
+
+def _dense(layer: nn.Module) -> Tensor:
+    """A conv/linear layer's weight as plain tensor (synthesised for template layers)."""
+    w = layer.weight() if callable(layer.weight) else layer.weight
+    return w.detach().clone()
+
+
+def _plain_grown(arch: Arch) -> WRN:
+    return build_model(replace(arch, kind="plain", grown=True))
+
+
+def grow_random(model: WRN, cfg: GrowConfig, seed: int = 0) -> WRN:
+    """Naive growth: members stay on the diagonal, the new off-diagonal blocks get fresh
+    random weights (Frobenius norm coef_scale x the diagonal block's, as the mixture's new
+    blocks have) instead of new combinations of trained templates."""
+    _check_members(model)
+    gen = torch.Generator().manual_seed(seed)
+    k = model.arch.members
+    grown = _plain_grown(model.arch)
+    state = {n: v.detach().clone() for n, v in model.state_dict().items()
+             if not n.endswith(("templates", "coefs"))}
+    src = dict(model.named_modules())
+    for name, layer in grown.named_modules():
+        if isinstance(layer, PlainConv2d):
+            w = _dense(src[name])  # (k*o, n or 3, h, w): member blocks stacked on rows
+            if layer.grown:
+                o, n = layer.cout, layer.cin
+                full = torch.zeros(k * o, k * n, *w.shape[2:])
+                for i in range(k):
+                    diag = w[i * o:(i + 1) * o]
+                    for j in range(k):
+                        if i == j:
+                            block = diag
+                        else:
+                            r = torch.randn(diag.shape, generator=gen)
+                            block = r * (cfg.coef_scale * diag.norm() / r.norm())
+                        full[i * o:(i + 1) * o, j * n:(j + 1) * n] = block
+                w = full
+            state[f"{name}.weight"] = w
+        elif isinstance(layer, PlainLinear):
+            w = _dense(src[name])  # (k, classes, in): [W_0 | W_1 | ...]
+            state[f"{name}.weight"] = w.permute(1, 0, 2).reshape(layer.classes, -1)
+    grown.load_state_dict(state)
+    return grown
+
+
+def grow_net2net(model: WRN, cfg: GrowConfig, seed: int = 0) -> WRN:
+    """Net2Net-wider (Chen et al. 2016) from member 0 alone to k x its width.
+
+    Every unit is replicated k times (new channel c reads old channel c mod C); a layer's
+    weights from replicated inputs are divided by k, so the sum over the copies is the old
+    weight and the widened net computes member 0's logits exactly. BN is replicated. Then
+    noise (relative std `cfg.noise`) breaks the symmetry between the copies.
+    """
+    _check_members(model)
+    k = model.arch.members
+    gen = torch.Generator().manual_seed(seed)
+    member = extract_member(model, 0)
+    grown = _plain_grown(model.arch)
+    src = dict(member.named_modules())
+    state: dict[str, Tensor] = {}
+    for name, layer in grown.named_modules():
+        old = src.get(name)
+        if isinstance(layer, PlainConv2d):
+            w = _dense(old)  # (o, n, h, w) of member 0
+            w = w.repeat(k, k if layer.split_input else 1, 1, 1)
+            if layer.split_input:
+                w = w / k
+            state[f"{name}.weight"] = _jitter(w, cfg.noise, gen)
+        elif isinstance(layer, PlainLinear):
+            w = _dense(old)[0]  # (classes, in)
+            state[f"{name}.weight"] = _jitter(w.repeat(1, k) / k, cfg.noise, gen)
+        elif isinstance(layer, nn.BatchNorm2d):
+            for key, v in old.state_dict().items():
+                state[f"{name}.{key}"] = v.repeat(k) if v.dim() else v.clone()
+    grown.load_state_dict(state)
+    return grown
+
+
+def _jitter(w: Tensor, noise: float, gen: torch.Generator) -> Tensor:
+    if noise == 0:
+        return w
+    return w + noise * w.std() * torch.randn(w.shape, generator=gen)
+
+
+def _check_members(model: WRN) -> None:
+    if model.arch.grown:
+        raise MgError("this checkpoint is already grown; grow a members checkpoint")
+    if model.arch.members < 2:
+        raise MgError("growth needs at least 2 members (model.members)")
+
+
 def grow(model: WRN, cfg: GrowConfig, seed: int = 0) -> WRN:
     """Dispatch on `cfg.method`. Reads no data: the model's tensors are all it needs."""
-    if cfg.method == "mixture":
-        return grow_mixture(model, cfg, seed)
-    raise MgError(f"--method {cfg.method} is not available yet")
+    methods = {"mixture": grow_mixture, "random": grow_random, "net2net": grow_net2net}
+    if cfg.method not in methods:
+        raise MgError(f"unknown --method '{cfg.method}' (choose from {', '.join(methods)})")
+    return methods[cfg.method](model, cfg, seed)
 

@@ -144,3 +144,39 @@ def test_growth_is_seeded() -> None:
     c = grow(members, GrowConfig(coefs="random"), seed=6).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_net2net_preserves_member0_before_noise(k: int) -> None:
+    """Net2Net-wider: replicated units, split outgoing weights -> member 0's exact logits."""
+    members = trained_like(k).eval()
+    grown = grow(members, GrowConfig(method="net2net", noise=0.0)).eval()
+    assert grown.arch.kind == "plain" and grown.arch.grown
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (grown(x) - members(x)[0]).abs().max().item() <= 1e-5
+        noisy = grow(members, GrowConfig(method="net2net", noise=0.05)).eval()
+        assert (noisy(x) - members(x)[0]).abs().max().item() > 1e-4  # symmetry broken
+
+
+def test_random_growth_blocks() -> None:
+    members = trained_like(2).eval()
+    grown = grow(members, GrowConfig(method="random", coef_scale=0.3), seed=0).eval()
+    assert grown.arch.kind == "plain"
+    conv, old = grown.blocks[1].conv1, members.blocks[1].conv1
+    o, n = conv.cout, conv.cin
+    w, members_w = conv.weight.detach(), old.weight().detach()
+    for i in range(2):
+        diag = members_w[i * o:(i + 1) * o]
+        assert torch.allclose(w[i * o:(i + 1) * o, i * n:(i + 1) * n], diag)
+        off = w[i * o:(i + 1) * o, (1 - i) * n:(2 - i) * n]
+        assert abs(off.norm().item() / diag.norm().item() - 0.3) < 1e-4
+        # fresh weights: not in the span of member i's templates
+        basis = members.blocks[1].conv1.templates[i].detach().reshape(2, -1)
+        coef = torch.linalg.lstsq(basis.T, off.reshape(-1, 1)).solution
+        resid = off.reshape(-1) - (basis.T @ coef).reshape(-1)
+        assert resid.norm().item() > 0.9 * off.norm().item()
+    with torch.no_grad():
+        zero = grow(members, GrowConfig(method="random", coef_scale=0.0)).eval()
+        x = torch.randn(4, 3, 32, 32)
+        assert (zero(x) - members(x).sum(0)).abs().max().item() <= 1e-5
