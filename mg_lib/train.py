@@ -254,6 +254,8 @@ class Trainer:
                           f"batch of {r.data.batch_size}; lower data.batch_size")
         fwd = phase_forward_flops(self.arch, phase.name)
         runner = dist.wrap(net, self.device, r.train.sync_bn) if world > 1 else net
+        if r.train.compile:  # only the step runs compiled; `net` keeps state_dict keys as is
+            runner = torch.compile(runner)
         weights = torch.ones(self.arch.members if phase.member is None and not self.arch.grown
                              else 1, device=self.device)
         if phase.member in (None, 0) and not self.arch.grown:
@@ -276,9 +278,13 @@ class Trainer:
                     logits = runner(x)
                 losses = member_losses(logits, y)
                 loss = (losses * weights).sum()
-                if not torch.isfinite(loss):
+                # Agreed by all ranks: one rank leaving alone would hang the others in DDP.
+                finite = bool(torch.isfinite(loss))
+                bad, stop = dist.any_true(not finite, bool(self.flag))
+                if bad:
                     bar.close()
-                    raise RunError(f"loss became {loss.item()} in {phase.name}, epoch "
+                    got = loss.item() if not finite else "non-finite on another rank"
+                    raise RunError(f"loss became {got} in {phase.name}, epoch "
                                    f"{epoch + 1}, step {step + 1}; the last good checkpoint "
                                    f"is {self.path}")
                 opt.zero_grad(set_to_none=True)
@@ -291,7 +297,7 @@ class Trainer:
                 correct += hits.sum().item() * n / hits.numel()
                 self.add_flops(phase.name, train_flops(fwd, n * world), n * world)
                 bar.advance(1, f"loss {loss_sum / seen:.3f} lr {lr:.4g}")
-                if self.flag:
+                if stop:
                     bar.close()
                     self.checkpoint_mid_epoch(phase, net, opt, epoch, step + 1)
                     sig = signal.Signals(self.flag.signal or signal.SIGTERM)
@@ -301,6 +307,10 @@ class Trainer:
             bar.close()
             start_step = 0
             secs = time.perf_counter() - t0
+            if world > 1:  # every rank holds rank 0's checkpoint; metrics over all shares
+                dist.broadcast_buffers(net)
+                seen, loss_sum, correct = dist.sum_tensor(
+                    torch.tensor([seen, loss_sum, correct], dtype=torch.float64)).tolist()
             if phase.member is not None:
                 insert_member(self.model, phase.member, net)
             self.state["epochs"][phase.name] = epoch + 1
@@ -310,7 +320,7 @@ class Trainer:
             line = {"phase": phase.name, "epoch": epoch + 1, "lr": lr,
                     "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
                     "val_loss": val.get("loss"), "val_top1": val.get("top1"),
-                    "images_per_s": seen * world / max(secs, 1e-9), "seconds": secs,
+                    "images_per_s": seen / max(secs, 1e-9), "seconds": secs,
                     "train_flops": self.ckpt["flops"]["total"], "time": ck.now()}
             if "members" in val:
                 line["val_members_top1"] = [m["top1"] for m in val["members"]]
@@ -387,6 +397,7 @@ def train_recipe(recipe: Recipe, out: Path, device: torch.device,
     """`mg train RECIPE`: initialise, write the initial checkpoint, train the members."""
     path = ck.check_out_path(out / "members.pt", force=force)
     ckpt = new_run(recipe, out)
+    dist.barrier()  # every rank has checked the path before rank 0 writes it
     if dist.is_main():
         ck.save(ckpt, path)
         (path.parent / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
