@@ -8,6 +8,7 @@ table or one JSON object), logs and progress to stderr, so shell pipelines work:
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Iterator
@@ -41,6 +42,14 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("mg: interrupted", err=True)
         raise typer.Exit(130) from None
+    except OSError as e:
+        # The machine, not mg, failed (disk full, permissions, a vanished folder): a failed
+        # run, told in one line. A closed stdout pipe is typer's to handle quietly.
+        if e.errno == errno.EPIPE:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        typer.echo(f"mg: error: {where}{e.strerror or e}", err=True)
+        raise typer.Exit(1) from None
 
 
 def emit(obj: Any, as_json: bool, text: str) -> None:
@@ -64,21 +73,24 @@ def train(
 ) -> None:
     """Train the members of a recipe, or resume any checkpoint. Prints the checkpoint path."""
     with user_errors():
-        from mg_lib import distributed as dist
-        from mg_lib import train as tr
         from mg_lib.errors import MgError
         from mg_lib.recipe import load_recipe
 
         if (recipe is None) == (resume is None):
             raise MgError("give a RECIPE to start a run, or --resume CKPT to continue one")
+        # Check the recipe before importing torch: a typo is reported in a blink.
+        r = load_recipe(recipe, sets) if recipe is not None else None
+
+        from mg_lib import distributed as dist
+        from mg_lib import train as tr
+
         dev = tr.resolve_device(device)
         dist.init(dev)
         try:
             if resume is not None:
-                path = tr.resume(resume, sets, dev, out, stop_after)
+                path = tr.resume(resume, sets, dev, out, stop_after, force)
             else:
-                assert recipe is not None
-                r = load_recipe(recipe, sets)
+                assert recipe is not None and r is not None
                 folder = out if out is not None else Path("runs") / recipe.stem
                 path = tr.train_recipe(r, folder, dev, stop_after, force)
         finally:
@@ -156,6 +168,22 @@ def info(
 
         res = ops.info(ckpt)
         emit(res, as_json, ops.info_text(res))
+
+
+@app.command()
+def export(
+    ckpt: Path = typer.Argument(..., help="Any mg checkpoint (members or grown)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output file (default: "
+                                    "<name>-plain.pt beside CKPT)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file that is "
+                               "not an mg plain export."),
+) -> None:
+    """Write a plain PyTorch WRN state_dict (synthesised weights) for inference. Prints its
+    path; load it into build_model(Arch.from_dict(blob["arch"])), see mg_lib/export.py."""
+    with user_errors():
+        from mg_lib import export as ex
+
+        typer.echo(str(ex.export_checkpoint(ckpt, out, force)))
 
 
 def main() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from . import checkpoint as ck
 from . import flops as fl
@@ -12,7 +13,7 @@ from .data import Loader, load_data, num_classes
 from .errors import MgError
 from .growth import grow
 from .metrics import evaluate
-from .recipe import Recipe, load_recipe, override
+from .recipe import GrowConfig, Recipe, load_recipe, override
 from .wrn import Arch
 
 # ------------------------------------------------------------------ grow
@@ -21,19 +22,25 @@ from .wrn import Arch
 def grow_checkpoint(path: Path, target: str, coefs: str | None, method: str | None,
                     out: Path | None, sets: list[str], force: bool = False) -> Path:
     """`mg grow`: members checkpoint -> grown checkpoint, offline (no data is read)."""
+    _check_choice("--coefs", coefs, "coefs")
+    _check_choice("--method", method, "method")
     ckpt = ck.load(path)
     if ckpt["stage"] != "members":
         raise MgError(f"{path}: is already grown (stage '{ckpt['stage']}'); grow a members "
                       "checkpoint")
+    # A target missing from the recipe may be defined on the spot with --set grow.NAME.KEY=V;
+    # --coefs/--method alone must not conjure a target out of a typo.
+    known = list(ckpt["recipe"].get("grow", {}))
+    if target not in known and not any(s.startswith(f"grow.{target}.") for s in sets):
+        close = difflib.get_close_matches(target, known, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise MgError(f"{path}: unknown grow target '{target}' ({hint}the recipe defines: "
+                      f"{', '.join(known) or 'none'})")
     extra = list(sets)
     if coefs is not None:
         extra.append(f"grow.{target}.coefs={coefs}")
     if method is not None:
         extra.append(f"grow.{target}.method={method}")
-    if target not in ckpt["recipe"].get("grow", {}) and not any(
-            s.startswith(f"grow.{target}.") for s in extra):
-        names = ", ".join(ckpt["recipe"].get("grow", {})) or "none"
-        raise MgError(f"{path}: unknown grow target '{target}' (the recipe defines: {names})")
     recipe = override(ckpt["recipe"], extra, f"{path}: recipe")
     cfg = recipe.grow[target]
     dest = ck.check_out_path(out if out is not None else path.parent / f"grown-{target}.pt",
@@ -47,6 +54,13 @@ def grow_checkpoint(path: Path, target: str, coefs: str | None, method: str | No
                          "members": ckpt["train"]}, history=list(ckpt["history"]),
                   flops=ckpt["flops"], target=target)
     return ck.save(new, dest)
+
+
+def _check_choice(option: str, value: str | None, field: str) -> None:
+    """An unknown --coefs/--method value, named as the option the user typed."""
+    allowed = get_args(GrowConfig.model_fields[field].annotation)
+    if value is not None and value not in allowed:
+        raise MgError(f"{option} {value}: unknown; choose {', '.join(allowed)}")
 
 
 # ------------------------------------------------------------------ eval

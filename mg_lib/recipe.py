@@ -7,12 +7,14 @@ line that names the file and the key.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MgError
 
@@ -23,8 +25,10 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 
 class Strict(BaseModel):
-    # A typo in a recipe must fail loudly, never be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A typo in a recipe must fail loudly, never be silently ignored; so must a wrong type
+    # (strict: "3" is not an int, 1 is not a bool) and an infinite or NaN number.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class DataConfig(Strict):
@@ -55,10 +59,15 @@ class ModelConfig(Strict):
     stem: int = Field(16, ge=1)  # channels of the grown stem; each member gets stem / k
     mid_bn: bool = True  # False reproduces the reference: no BN between a block's two convs
 
+    @field_validator("depth")
+    @classmethod
+    def _wrn_depth(cls, depth: int) -> int:
+        if (depth - 4) % 6:
+            raise ValueError(f"depth {depth} is not a WRN depth (6n + 4: 10, 16, 22, 28, ...)")
+        return depth
+
     @model_validator(mode="after")
     def _shapes(self) -> ModelConfig:
-        if (self.depth - 4) % 6:
-            raise ValueError(f"depth {self.depth} is not a WRN depth (6n + 4: 10, 16, 22, 28, ...)")
         if self.stem % self.members:
             raise ValueError(f"stem {self.stem} is not divisible by members {self.members}")
         return self
@@ -98,12 +107,24 @@ class GrowConfig(PhaseConfig):
     noise: float = Field(0.01, ge=0.0)  # net2net: symmetry-breaking noise, relative
 
 
+TARGET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")  # used in file names
+
+
 class Recipe(Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # torch generators take 64-bit seeds
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     grow: dict[str, GrowConfig] = Field(default_factory=lambda: {"wide": GrowConfig()})
+
+    @field_validator("grow")
+    @classmethod
+    def _target_names(cls, grow: dict[str, GrowConfig]) -> dict[str, GrowConfig]:
+        for name in grow:
+            if not TARGET_NAME.fullmatch(name):
+                raise ValueError(f"target name {name!r} must be letters, digits, '_' or '-' "
+                                 "(it names files)")
+        return grow
 
     def dump(self) -> dict[str, Any]:
         """Plain dict of every field (defaults included): what a checkpoint stores."""
@@ -138,32 +159,42 @@ def _describe(err: ValidationError, source: str) -> MgError:
     first = err.errors()[0]
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc)
+    if not key.isprintable():  # a key with a newline or control character: show it escaped
+        key = repr(key)[1:-1]
     if first["type"] == "extra_forbidden":
         return MgError(f"{source}: unknown key '{key}'{_suggest(str(loc[-1]), _model_at(loc))}")
-    msg = first["msg"]
-    if first["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
+    msg = first["msg"].split("\n")[0]
     got = first.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    if first["type"] == "value_error":  # mg's own checks already quote the value
+        msg, got = msg.removeprefix("Value error, "), None
+    shown = " (got a table)" if isinstance(got, dict) and loc else \
+        "" if isinstance(got, dict) or got is None else f" (got {_short(got)})"
     return MgError(f"{source}: {key or 'recipe'}: {msg}{shown}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def parse_value(text: str) -> Any:
     """An override's value: TOML if it parses (1, 0.1, true, [1, 2], "x"), else the string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        parsed = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
         return text
+    # "1\nx = 2" parses too; a value that smuggles in more keys stays a plain string.
+    return parsed["v"] if len(parsed) == 1 else text
 
 
 def apply_overrides(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     """Apply `key.sub=value` overrides to a recipe dict in place (and return it)."""
     for item in sets:
         key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not p for p in key.split(".")):
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or not all(parts):
             raise MgError(f"--set {item!r}: expected KEY.SUB=VALUE, e.g. train.epochs=2")
-        *parents, leaf = key.split(".")
+        *parents, leaf = parts
         node = raw
         for part in parents:
             child = node.setdefault(part, {})
@@ -209,7 +240,8 @@ def load_recipe(path: str | Path, sets: list[str] | None = None) -> Recipe:
 
 def override(recipe: Recipe | dict[str, Any], sets: list[str], source: str) -> Recipe:
     """A recipe (e.g. the one stored in a checkpoint) with `--set` overrides applied."""
-    raw = recipe.dump() if isinstance(recipe, Recipe) else dict(recipe)
+    # A deep copy: a failed override must not half-change the caller's (checkpoint's) recipe.
+    raw = recipe.dump() if isinstance(recipe, Recipe) else copy.deepcopy(dict(recipe))
     return validate(apply_overrides(raw, list(sets)), source)
 
 
@@ -236,7 +268,10 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # TOML basic strings take no raw control characters: escape them as \uXXXX.
+        return '"' + "".join(
+            "\\" + ch if ch in '"\\' else f"\\u{ord(ch):04x}" if ord(ch) < 32 or ch == "\x7f"
+            else ch for ch in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")

@@ -203,6 +203,7 @@ class Trainer:
         self.ckpt["train"] = self.state
         self.ckpt["created"] = ck.now()
         ck.save(self.ckpt, self.path)
+        write_recipe(self.recipe, self.path.parent)  # always the recipe of the file beside it
 
     def record(self, line: dict[str, Any]) -> None:
         self.ckpt["history"].append(line)
@@ -212,16 +213,21 @@ class Trainer:
 
     # -- the run
 
+    def todo(self) -> list[Phase]:
+        phases = plan(self.recipe, self.arch, self.ckpt.get("target"))
+        return [p for p in phases if self.state["epochs"].get(p.name, 0) < p.epochs]
+
+    def load_data(self) -> None:
+        """Read the data now if any phase will train: bad data fails before any write."""
+        if self.data is None and self.todo():
+            self.data = load_data(self.recipe.data, self.recipe.seed)
+
     def run(self) -> Path:
         phases = plan(self.recipe, self.arch, self.ckpt.get("target"))
-        todo = [p for p in phases if self.state["epochs"].get(p.name, 0) < p.epochs]
-        if dist.is_main():
-            write_recipe(self.recipe, self.path.parent)
+        self.load_data()
         trained = 0
         with catch_signals(self.flag):
-            for phase in todo:
-                if self.data is None:
-                    self.data = load_data(self.recipe.data, self.recipe.seed)
+            for phase in self.todo():
                 trained += self.run_phase(phase, trained)
                 if self.stop_after is not None and trained >= self.stop_after:
                     break
@@ -396,22 +402,23 @@ def train_recipe(recipe: Recipe, out: Path, device: torch.device,
                  stop_after: int | None = None, force: bool = False) -> Path:
     """`mg train RECIPE`: initialise, write the initial checkpoint, train the members."""
     path = ck.check_out_path(out / "members.pt", force=force)
-    ckpt = new_run(recipe, out)
-    dist.barrier()  # every rank has checked the path before rank 0 writes it
+    trainer = Trainer(new_run(recipe, out), path, device, stop_after)
+    trainer.load_data()
+    dist.barrier()  # every rank has checked the path and the data before rank 0 writes
     if dist.is_main():
-        ck.save(ckpt, path)
         (path.parent / "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new log
-    return Trainer(ckpt, path, device, stop_after).run()
+    trainer.write()
+    return trainer.run()
 
 
 def resume(path: Path, sets: list[str], device: torch.device, out: Path | None = None,
-           stop_after: int | None = None) -> Path:
+           stop_after: int | None = None, force: bool = False) -> Path:
     """`mg train --resume CKPT`: continue whatever phase the checkpoint is in."""
     ckpt = ck.load(path)
     recipe = override(ckpt["recipe"], sets, f"{path}: recipe")
     ckpt["recipe"] = recipe.dump()
     if ckpt.get("target") is not None and ckpt["target"] not in recipe.grow:
         raise MgError(f"{path}: grow target '{ckpt['target']}' is not in its recipe")
-    dest = path if out is None else ck.check_out_path(out)
+    dest = path if out is None else ck.check_out_path(out, force)
     return Trainer(ckpt, dest, device, stop_after).run()
 

@@ -10,8 +10,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT.parent / "shared" / "data" / "cifar10_5k.npz"
 
-# Tests run on tiny nets; two threads is what CI has.
-torch.set_num_threads(2)
+# Tests run on tiny nets, where a second thread buys little and, on busy cores, costs a lot.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
