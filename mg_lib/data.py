@@ -138,12 +138,19 @@ def _npz_path(cfg: DataConfig) -> Path:
     if not cfg.path:
         raise MgError("data.path: the npz dataset needs a path to an .npz file")
     path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        raise MgError(f"{path}: is a folder; data.path of an npz dataset is an .npz file")
     if not path.is_file():
         raise MgError(f"{path}: npz file not found (data.path)")
     return path
 
 
 def _open_npz(path: Path) -> Any:
+    import zipfile
+
+    # numpy reads a non-zip file as a pickle and then blames "pickled data": say what it is.
+    if not zipfile.is_zipfile(path):
+        raise MgError(f"{path}: not an .npz file (an npz is a zip archive of .npy arrays)")
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises several types for a file that is not an npz
