@@ -83,6 +83,8 @@ def run_seed(seed: int, base: dict[str, Any], out: Path, log: Path,
     def row(method: str, ckpt: str, t0: float, **extra: Any) -> None:
         res = test_top1(ckpt, log, ensemble=method == "ensemble")
         flops, val = accounting(ckpt)
+        if method == "ensemble":  # the history's last line is one member's (sequential)
+            val = test_top1(ckpt, log, split="val", ensemble=True)["top1"]
         r = {"method": method, "seed": seed, "top1": res["top1"], "top5": res["top5"],
              "val_top1": val, "train_flops": flops,
              "seconds": round(time.time() - t0, 1), "checkpoint": ckpt, **extra}

@@ -231,7 +231,7 @@ def rows() -> list[Row]:
         Row("data path missing", [*t, *npz, "--set", 'data.path="gone.npz"'],
             says=("gone.npz", "not found")),
         Row("data path unreadable", [*t, *npz, "--set", 'data.path="data.npz"'],
-            says=("data.npz", "not a readable .npz")),
+            says=("data.npz", "not an .npz file")),
         Row("npz wrong keys", [*t, *npz, "--set", 'data.path="nokeys.npz"'],
             says=("nokeys.npz", "y_train", "missing")),
         Row("npz wrong shape", [*t, *npz, "--set", 'data.path="badshape.npz"'],
