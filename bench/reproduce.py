@@ -144,6 +144,21 @@ def ablation(seed: int, base: dict[str, Any], out: Path, log: Path,
     return rows
 
 
+def ablation_table(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Coefficient ablation: validation top-1 (%) on {config['data']}, "
+             f"n = {len(seeds)} seed(s), mean over seeds.", "",
+             "| coefs | scale | val top-1 right after growth | val top-1 after the grown phase |",
+             "| --- | ---: | ---: | ---: |"]
+    keys = sorted({(r["coefs"], r["scale"]) for r in rows}, key=lambda k: (k[0] != "zero", k))
+    for c, s in keys:
+        xs = [r for r in rows if (r["coefs"], r["scale"]) == (c, s)]
+        at = statistics.mean(r["val_top1_at_growth"] for r in xs)
+        after = statistics.mean(r["val_top1"] for r in xs)
+        lines.append(f"| {c} | {s} | {100 * at:.1f} | {100 * after:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out = {}
     for m in METHODS:
@@ -242,7 +257,9 @@ def main() -> None:
         config["seconds"] = round(time.time() - t0, 1)
         (a.out / "ablation.json").write_text(json.dumps({"runs": rows, "config": config},
                                                         indent=1))
-        print(f"wrote {a.out / 'ablation.json'} ({config['seconds']:.0f}s)")
+        (a.out / "ablation.md").write_text(ablation_table(rows, config))
+        print(ablation_table(rows, config))
+        print(f"wrote {a.out / 'ablation.json'} and ablation.md ({config['seconds']:.0f}s)")
         return
     rows = []
     for seed in range(a.seeds):

@@ -53,7 +53,13 @@ def grow_checkpoint(path: Path, target: str, coefs: str | None, method: str | No
                   train={"epochs": {}, "current": None, "done": False,
                          "members": ckpt["train"]}, history=list(ckpt["history"]),
                   flops=ckpt["flops"], target=target)
-    return ck.save(new, dest)
+    ck.save(new, dest)
+    # Like every checkpoint, the grown one gets its recipe and metrics beside it.
+    from .train import write_history, write_recipe
+
+    write_recipe(recipe, dest.parent)
+    write_history(new["history"], dest.parent)
+    return dest
 
 
 def _check_choice(option: str, value: str | None, field: str) -> None:

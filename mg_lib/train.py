@@ -378,6 +378,13 @@ def write_recipe(recipe: Recipe, folder: Path) -> None:
     tmp.replace(folder / "recipe.toml")
 
 
+def write_history(history: list[dict[str, Any]], folder: Path) -> None:
+    """Start metrics.jsonl from a checkpoint's history where the folder has none yet."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+
+
 # ------------------------------------------------------------------ entry points
 
 

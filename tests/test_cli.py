@@ -101,3 +101,35 @@ def test_tiny_joint_then_grow_and_resume(tmp_path: Path) -> None:
     assert r == g
     res = json.loads(run("eval", r, "--json"))
     assert res["stage"] == "grown" and res["count"] == 12
+
+
+def test_issue_3_resume_on_real_images(tmp_path: Path, npz_path: Path) -> None:
+    """small.toml on the real subset: 2 epochs straight == stop after 1 + --resume to 2."""
+    sets = ["--set", "data.dataset=npz", "--set", f"data.path={npz_path}",
+            "--set", "data.limit=120", "--set", "data.batch_size=32", "--set", "train.epochs=2",
+            "--set", "model.depth=10"]
+    a = run("train", SMALL, "--out", str(tmp_path / "a"), *sets).strip()
+    b = run("train", SMALL, "--out", str(tmp_path / "b"), "--stop-after", "1", *sets).strip()
+    assert torch.load(b, weights_only=True)["train"]["done"] is False
+    assert run("train", "--resume", b).strip() == b
+    ta, tb = (torch.load(p, weights_only=True)["model"] for p in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    for d in ("a", "b"):
+        assert (tmp_path / d / "metrics.jsonl").exists() and (tmp_path / d / "recipe.toml").exists()
+
+
+def test_grown_checkpoint_has_its_files_beside(tmp_path: Path) -> None:
+    ck = run("train", SMALL, "--out", str(tmp_path / "run"), *tiny_sets()).strip()
+    g = run("grow", ck, "--to", "wide", "--out", str(tmp_path / "elsewhere" / "g.pt")).strip()
+    folder = Path(g).parent
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["phase"] for x in lines] == ["members"]
+    assert "[grow.wide]" in (folder / "recipe.toml").read_text()
+
+
+def test_flops_issue_4_anchor() -> None:
+    out = json.loads(run("flops", SMALL, "--json", "--set", "model.depth=28",
+                         "--set", "model.width=5", "--set", "model.members=2",
+                         "--set", "data.dataset=cifar100"))
+    cost = out["phases"]["grow:wide"]["cost"]
+    assert (cost["flops"], cost["macs"]) == (10_486_772_736, 5_243_386_368)
