@@ -83,8 +83,9 @@ def train(
 
         from mg_lib import distributed as dist
         from mg_lib import train as tr
+        from mg_lib.runtime import resolve_device
 
-        dev = tr.resolve_device(device)
+        dev = resolve_device(device)
         dist.init(dev)
         try:
             if resume is not None:

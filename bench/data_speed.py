@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mg_lib.data import Loader, load_data
+from mg_lib.data import load_data
+from mg_lib.loader import Loader
 from mg_lib.recipe import DataConfig
 from mg_lib.wrn import Arch, build_model
 

@@ -9,9 +9,10 @@ from typing import Any, get_args
 
 from . import checkpoint as ck
 from . import flops as fl
-from .data import Loader, load_data, num_classes
+from .data import load_data, num_classes
 from .errors import MgError
 from .growth import grow
+from .loader import Loader
 from .metrics import evaluate
 from .recipe import GrowConfig, Recipe, load_recipe, override
 from .wrn import Arch
@@ -75,7 +76,7 @@ def _check_choice(option: str, value: str | None, field: str) -> None:
 def eval_checkpoint(path: Path, split: str, member: int | None, ensemble: bool,
                     sets: list[str], device: str = "auto") -> dict[str, Any]:
     """`mg eval`: accuracy of a grown net, one member, or the members' ensemble."""
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     if split not in ("val", "test"):
         raise MgError(f"--split {split}: choose val or test")

@@ -18,8 +18,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,14 @@ from torch import Tensor, nn
 
 from . import checkpoint as ck
 from . import distributed as dist
-from .data import Data, Loader, load_data, num_classes
+from .data import Data, load_data, num_classes
 from .errors import Interrupted, MgError, RunError
 from .flops import phase_forward_flops, train_flops
+from .loader import Loader
 from .metrics import evaluate
 from .progress import Progress, log
 from .recipe import PhaseConfig, Recipe, override, to_toml, validate
+from .runtime import StopFlag, catch_signals
 from .wrn import WRN, Arch, build_model, extract_member, insert_member
 
 # ------------------------------------------------------------------ plan
@@ -103,64 +104,6 @@ def epoch_seed(seed: int, phase: str, epoch: int) -> int:
     for ch in phase:
         h = (h * 131 + ord(ch)) % (2**61 - 1)
     return h
-
-
-# ------------------------------------------------------------------ devices
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise MgError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", dist.local_rank())
-    if name == "mps" and not (getattr(torch.backends, "mps", None)
-                              and torch.backends.mps.is_available()):
-        raise MgError("--device mps: MPS is not available")
-    if name not in ("cpu", "mps"):
-        raise MgError(f"--device {name}: choose auto, cpu, cuda or mps")
-    return torch.device(name)
-
-
-# ------------------------------------------------------------------ signals
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it at step boundaries."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-
-@contextmanager
-def catch_signals(flag: StopFlag) -> Iterator[None]:
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        if flag.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        flag.signal = signum
-        log(f"mg: {signal.Signals(signum).name} received; saving a resumable checkpoint "
-            "at the next step")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # ------------------------------------------------------------------ the trainer

@@ -17,12 +17,12 @@ from mg_lib.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,
-    Loader,
     Split,
     load_data,
     num_classes,
 )
 from mg_lib.errors import MgError
+from mg_lib.loader import Loader
 from mg_lib.recipe import DataConfig
 
 NPZ = Path(__file__).parents[2] / "shared/data/cifar10_5k.npz"
