@@ -21,8 +21,6 @@ returns (k, N, classes) logits; a grown export is an ordinary WRN returning (N, 
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,9 +89,8 @@ def export_checkpoint(path: Path, out: Path | None = None, force: bool = False) 
 def _read(path: Path) -> dict[str, Any] | None:
     """The export at `path`, or None when it is not one (or unreadable)."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            OSError):
+        blob = ck.read(path, "plain export")
+    except MgError:
         return None
     return blob if isinstance(blob, dict) and blob.get("format") == FORMAT else None
 

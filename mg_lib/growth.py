@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import MgError
+from .export import plain_state_dict
 from .plain import PlainConv2d, PlainLinear
 from .recipe import GrowConfig
 from .templates import TemplateConv2d
@@ -85,12 +86,6 @@ def grow_mixture(model: WRN, cfg: GrowConfig, seed: int = 0) -> WRN:
 # what the paper compares against, not template mixtures.
 
 
-def _dense(layer: nn.Module) -> Tensor:
-    """A conv/linear layer's weight as plain tensor (synthesised for template layers)."""
-    w = layer.weight() if callable(layer.weight) else layer.weight
-    return w.detach().clone()
-
-
 def _plain_grown(arch: Arch) -> WRN:
     return build_model(replace(arch, kind="plain", grown=True))
 
@@ -103,29 +98,24 @@ def grow_random(model: WRN, cfg: GrowConfig, seed: int = 0) -> WRN:
     gen = torch.Generator().manual_seed(seed)
     k = model.arch.members
     grown = _plain_grown(model.arch)
-    state = {n: v.detach().clone() for n, v in model.state_dict().items()
-             if not n.endswith(("templates", "coefs"))}
-    src = dict(model.named_modules())
+    state = plain_state_dict(model)  # the members as plain tensors: grouped convs, BN, fc
     for name, layer in grown.named_modules():
-        if isinstance(layer, PlainConv2d):
-            w = _dense(src[name])  # (k*o, n or 3, h, w): member blocks stacked on rows
-            if layer.grown:
-                o, n = layer.cout, layer.cin
-                full = torch.zeros(k * o, k * n, *w.shape[2:])
-                for i in range(k):
-                    diag = w[i * o:(i + 1) * o]
-                    for j in range(k):
-                        if i == j:
-                            block = diag
-                        else:
-                            r = torch.randn(diag.shape, generator=gen)
-                            block = r * (cfg.coef_scale * diag.norm() / r.norm())
-                        full[i * o:(i + 1) * o, j * n:(j + 1) * n] = block
-                w = full
-            state[f"{name}.weight"] = w
-        elif isinstance(layer, PlainLinear):
-            w = _dense(src[name])  # (k, classes, in): [W_0 | W_1 | ...]
-            state[f"{name}.weight"] = w.permute(1, 0, 2).reshape(layer.classes, -1)
+        key = f"{name}.weight"
+        if isinstance(layer, PlainConv2d) and layer.grown:
+            w = state[key]  # (k*o, n, h, w): member blocks stacked on rows
+            o, n = layer.cout, layer.cin
+            full = torch.zeros(k * o, k * n, *w.shape[2:])
+            for i in range(k):  # k x k blocks, once, offline
+                diag = w[i * o:(i + 1) * o]
+                for j in range(k):
+                    block = diag
+                    if i != j:
+                        r = torch.randn(diag.shape, generator=gen)
+                        block = r * (cfg.coef_scale * diag.norm() / r.norm())
+                    full[i * o:(i + 1) * o, j * n:(j + 1) * n] = block
+            state[key] = full
+        elif isinstance(layer, PlainLinear):  # (k, classes, in) -> [W_0 | W_1 | ...]
+            state[key] = state[key].permute(1, 0, 2).reshape(layer.classes, -1)
     grown.load_state_dict(state)
     return grown
 
@@ -141,24 +131,18 @@ def grow_net2net(model: WRN, cfg: GrowConfig, seed: int = 0) -> WRN:
     _check_members(model)
     k = model.arch.members
     gen = torch.Generator().manual_seed(seed)
-    member = extract_member(model, 0)
     grown = _plain_grown(model.arch)
-    src = dict(member.named_modules())
+    layers = dict(grown.named_modules())
     state: dict[str, Tensor] = {}
-    for name, layer in grown.named_modules():
-        old = src.get(name)
-        if isinstance(layer, PlainConv2d):
-            w = _dense(old)  # (o, n, h, w) of member 0
-            w = w.repeat(k, k if layer.split_input else 1, 1, 1)
-            if layer.split_input:
-                w = w / k
-            state[f"{name}.weight"] = _jitter(w, cfg.noise, gen)
-        elif isinstance(layer, PlainLinear):
-            w = _dense(old)[0]  # (classes, in)
-            state[f"{name}.weight"] = _jitter(w.repeat(1, k) / k, cfg.noise, gen)
-        elif isinstance(layer, nn.BatchNorm2d):
-            for key, v in old.state_dict().items():
-                state[f"{name}.{key}"] = v.repeat(k) if v.dim() else v.clone()
+    for key, v in plain_state_dict(extract_member(model, 0)).items():
+        owner = layers[key.rpartition(".")[0]]
+        if isinstance(owner, PlainConv2d):  # (o, n, h, w) of member 0
+            split = k if owner.split_input else 1
+            state[key] = _jitter(v.repeat(k, split, 1, 1) / split, cfg.noise, gen)
+        elif isinstance(owner, PlainLinear):  # (1, classes, in) of member 0
+            state[key] = _jitter(v[0].repeat(1, k) / k, cfg.noise, gen)
+        else:  # BatchNorm: every channel's statistics and affine, replicated
+            state[key] = v.repeat(k) if v.dim() else v
     grown.load_state_dict(state)
     return grown
 

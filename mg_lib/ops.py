@@ -9,13 +9,13 @@ from typing import Any, get_args
 
 from . import checkpoint as ck
 from . import flops as fl
-from .data import load_data, num_classes
+from .data import load_data
 from .errors import MgError
 from .growth import grow
 from .loader import Loader
 from .metrics import evaluate
 from .recipe import GrowConfig, Recipe, load_recipe, override
-from .wrn import Arch
+from .train import fresh_state, recipe_arch, write_history, write_recipe
 
 # ------------------------------------------------------------------ grow
 
@@ -51,13 +51,11 @@ def grow_checkpoint(path: Path, target: str, coefs: str | None, method: str | No
         "op": "grow", "target": target, "method": cfg.method, "coefs": cfg.coefs,
         "coef_scale": cfg.coef_scale, "from": str(path), "time": ck.now()}]
     new = ck.make(recipe.dump(), grown, lineage=lineage,
-                  train={"epochs": {}, "current": None, "done": False,
-                         "members": ckpt["train"]}, history=list(ckpt["history"]),
+                  train={**fresh_state(), "members": ckpt["train"]},
+                  history=list(ckpt["history"]),
                   flops=ckpt["flops"], target=target)
     ck.save(new, dest)
     # Like every checkpoint, the grown one gets its recipe and metrics beside it.
-    from .train import write_history, write_recipe
-
     write_recipe(recipe, dest.parent)
     write_history(new["history"], dest.parent)
     return dest
@@ -111,13 +109,6 @@ def eval_checkpoint(path: Path, split: str, member: int | None, ensemble: bool,
 # ------------------------------------------------------------------ flops
 
 
-def _arch_from_recipe(r: Recipe) -> Arch:
-    m = r.model
-    return Arch(kind=m.kind, depth=m.depth, width=m.width, members=m.members,
-                templates=m.templates, stem=m.stem, classes=num_classes(r.data),
-                mid_bn=m.mid_bn)
-
-
 def planned_images(r: Recipe) -> int | None:
     """Training images per epoch from the recipe alone (None when the data must be read)."""
     d = r.data
@@ -134,7 +125,7 @@ def flops_report(source: Path, sets: list[str]) -> dict[str, Any]:
     ckpt = None
     if source.suffix == ".toml":
         recipe = load_recipe(source, sets)
-        arch = _arch_from_recipe(recipe)
+        arch = recipe_arch(recipe)
     else:
         ckpt = ck.load(source)
         recipe = override(ckpt["recipe"], sets, f"{source}: recipe")

@@ -211,7 +211,9 @@ class Trainer:
             weights[0] = r.train.member0_loss_weight
         epochs_done = 0
         for epoch in range(start_epoch, phase.epochs):
-            t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+            t0, seen = time.perf_counter(), 0
+            # Running sums stay on the device (float64): no host sync per step for metrics.
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct
             seed = epoch_seed(r.seed, phase.name, epoch)
             bar = Progress(f"{phase.name} {epoch + 1}/{phase.epochs}", steps)
             bar.advance(start_step)
@@ -241,11 +243,12 @@ class Trainer:
                 opt.step()
                 n = y.numel()
                 seen += n
-                loss_sum += losses.detach().mean().item() * n
                 hits = logits.detach().argmax(-1) == y  # (N,) or (k, N): mean over members
-                correct += hits.sum().item() * n / hits.numel()
+                sums += torch.stack([losses.detach().double().mean() * n,
+                                     hits.double().mean() * n])
                 self.add_flops(phase.name, train_flops(fwd, n * world), n * world)
-                bar.advance(1, f"loss {loss_sum / seen:.3f} lr {lr:.4g}")
+                bar.advance(1, f"loss {sums[0].item() / seen:.3f} lr {lr:.4g}"
+                            if bar.enabled else "")
                 if stop:
                     bar.close()
                     self.checkpoint_mid_epoch(phase, net, opt, epoch, step + 1)
@@ -256,6 +259,7 @@ class Trainer:
             bar.close()
             start_step = 0
             secs = time.perf_counter() - t0
+            loss_sum, correct = sums.tolist()
             if world > 1:  # every rank holds rank 0's checkpoint; metrics over all shares
                 dist.broadcast_buffers(net)
                 seen, loss_sum, correct = dist.sum_tensor(
@@ -335,13 +339,18 @@ def fresh_state() -> dict[str, Any]:
     return {"epochs": {}, "current": None, "done": False}
 
 
-def new_run(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """The initialised members checkpoint of a recipe (seeded), before any training."""
-    torch.manual_seed(recipe.seed)
+def recipe_arch(recipe: Recipe) -> Arch:
+    """The members-stage arch a recipe describes (the class count needs no image data)."""
     m = recipe.model
-    arch = Arch(kind=m.kind, depth=m.depth, width=m.width, members=m.members,
+    return Arch(kind=m.kind, depth=m.depth, width=m.width, members=m.members,
                 templates=m.templates, stem=m.stem, classes=num_classes(recipe.data),
                 grown=False, mid_bn=m.mid_bn)
+
+
+def new_run(recipe: Recipe) -> dict[str, Any]:
+    """The initialised members checkpoint of a recipe (seeded), before any training."""
+    torch.manual_seed(recipe.seed)
+    arch = recipe_arch(recipe)
     model = build_model(arch)
     lineage = [{"op": "init", "seed": recipe.seed, "arch": arch.to_dict(), "time": ck.now()}]
     return ck.make(recipe.dump(), model, lineage=lineage, train=fresh_state(), history=[],
@@ -352,7 +361,7 @@ def train_recipe(recipe: Recipe, out: Path, device: torch.device,
                  stop_after: int | None = None, force: bool = False) -> Path:
     """`mg train RECIPE`: initialise, write the initial checkpoint, train the members."""
     path = ck.check_out_path(out / "members.pt", force=force)
-    trainer = Trainer(new_run(recipe, out), path, device, stop_after)
+    trainer = Trainer(new_run(recipe), path, device, stop_after)
     trainer.load_data()
     dist.barrier()  # every rank has checked the path and the data before rank 0 writes
     if dist.is_main():

@@ -90,7 +90,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_ddp_step_equals_single_process_step(tmp_path: Path) -> None:
     ddp, one = tmp_path / "ddp", tmp_path / "one"
-    members = ck.save(new_run(step_recipe(), tmp_path), tmp_path / "init.pt")
+    members = ck.save(new_run(step_recipe()), tmp_path / "init.pt")
     grown = ops.grow_checkpoint(members, "wide", None, None, tmp_path / "grown.pt", [])
     for side in (ddp, one):
         side.mkdir()

@@ -56,9 +56,9 @@ def tiny_recipe(**extra: Any) -> Recipe:
 
 
 @pytest.fixture
-def ckpt(tmp_path: Path) -> dict[str, Any]:
+def ckpt() -> dict[str, Any]:
     """A valid, untrained members checkpoint (WRN-10-1, 2 members), as a dict."""
-    return new_run(tiny_recipe(), tmp_path)
+    return new_run(tiny_recipe())
 
 
 def temps(folder: Path) -> list[str]:
