@@ -12,6 +12,7 @@ collective that the others have abandoned.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -51,11 +52,19 @@ def init(device: torch.device) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group (a no-op outside one).
+
+    Garbage first: a DDP wrapper caught in a reference cycle still holds the group, and gloo
+    threads that outlive destroy_process_group can abort the process at interpreter exit.
+    """
     if tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
+        gc.collect()
 
 
 def barrier() -> None:
+    """Wait for every rank. Call it only where every rank is bound to arrive."""
     if active():
         tdist.barrier()
 
