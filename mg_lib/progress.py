@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-import time
+from types import TracebackType
+from typing import Any
 
 
 def log(msg: str) -> None:
@@ -15,39 +16,38 @@ def log(msg: str) -> None:
 
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn at most 10 times a second.
+    """A per-epoch progress bar on stderr (rich, which typer brings), used as a context.
 
-    It is drawn only when stderr is a terminal: logs and CI output get the per-epoch summary
-    line instead of a wall of carriage returns.
+    It is drawn only when stderr is a terminal and only on rank 0: logs and CI output get the
+    per-epoch summary line instead of a wall of redraws. The bar is transient, so the summary
+    line takes its place when the epoch ends, is interrupted or fails.
     """
 
     def __init__(self, label: str, total: int):
         from . import distributed as dist
 
-        self.label, self.total, self.done = label, total, 0
         self.enabled = sys.stderr.isatty() and dist.is_main()
-        self.t0 = self.last = time.perf_counter()
-        self.note = ""
+        self._bar: Any = None
+        if self.enabled:
+            import rich.progress as rp
+            from rich.console import Console
+
+            self._bar = rp.Progress(
+                rp.TextColumn(label), rp.BarColumn(), rp.MofNCompleteColumn(),
+                rp.TextColumn("{task.fields[note]}"), rp.TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True, refresh_per_second=10)
+            self._task = self._bar.add_task(label, total=total, note="")
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.stop()
 
     def advance(self, n: int = 1, note: str = "") -> None:
-        self.done += n
-        self.note = note or self.note
-        now = time.perf_counter()
-        if self.enabled and (now - self.last > 0.1 or self.done >= self.total):
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        width = 24
-        frac = self.done / max(self.total, 1)
-        bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        sys.stderr.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {self.note} "
-                         f"eta {eta:.0f}s\x1b[K")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, **({"note": note} if note else {}))

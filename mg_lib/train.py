@@ -215,48 +215,45 @@ class Trainer:
             # Running sums stay on the device (float64): no host sync per step for metrics.
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, correct
             seed = epoch_seed(r.seed, phase.name, epoch)
-            bar = Progress(f"{phase.name} {epoch + 1}/{phase.epochs}", steps)
-            bar.advance(start_step)
-            for step, (x, y) in enumerate(train.epoch(seed, start_step), start=start_step):
-                lr = lr_at(cfg, epoch * steps + step, phase.epochs * steps, steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                if self.cuda and r.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                            if self.cuda and r.train.amp else nullcontext())
-                with autocast:
-                    logits = runner(x)
-                losses = member_losses(logits, y)
-                loss = (losses * weights).sum()
-                # Agreed by all ranks: one rank leaving alone would hang the others in DDP.
-                finite = bool(torch.isfinite(loss))
-                bad, stop = dist.any_true(not finite, bool(self.flag))
-                if bad:
-                    bar.close()
-                    got = loss.item() if not finite else "non-finite on another rank"
-                    raise RunError(f"loss became {got} in {phase.name}, epoch "
-                                   f"{epoch + 1}, step {step + 1}; the last good checkpoint "
-                                   f"is {self.path}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                n = y.numel()
-                seen += n
-                hits = logits.detach().argmax(-1) == y  # (N,) or (k, N): mean over members
-                sums += torch.stack([losses.detach().double().mean() * n,
-                                     hits.double().mean() * n])
-                self.add_flops(phase.name, train_flops(fwd, n * world), n * world)
-                bar.advance(1, f"loss {sums[0].item() / seen:.3f} lr {lr:.4g}"
-                            if bar.enabled else "")
-                if stop:
-                    bar.close()
-                    self.checkpoint_mid_epoch(phase, net, opt, epoch, step + 1)
-                    sig = signal.Signals(self.flag.signal or signal.SIGTERM)
-                    raise Interrupted(f"interrupted by {sig.name} in {phase.name}, epoch "
-                                      f"{epoch + 1}, step {step + 1}; resume with: mg train "
-                                      f"--resume {self.path}", 128 + sig.value)
-            bar.close()
+            with Progress(f"{phase.name} {epoch + 1}/{phase.epochs}", steps) as bar:
+                bar.advance(start_step)
+                for step, (x, y) in enumerate(train.epoch(seed, start_step), start=start_step):
+                    lr = lr_at(cfg, epoch * steps + step, phase.epochs * steps, steps)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    if self.cuda and r.train.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                                if self.cuda and r.train.amp else nullcontext())
+                    with autocast:
+                        logits = runner(x)
+                    losses = member_losses(logits, y)
+                    loss = (losses * weights).sum()
+                    # Agreed by all ranks: one rank leaving alone would hang the others in DDP.
+                    finite = bool(torch.isfinite(loss))
+                    bad, stop = dist.any_true(not finite, bool(self.flag))
+                    if bad:
+                        got = loss.item() if not finite else "non-finite on another rank"
+                        raise RunError(f"loss became {got} in {phase.name}, epoch "
+                                       f"{epoch + 1}, step {step + 1}; the last good checkpoint "
+                                       f"is {self.path}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    n = y.numel()
+                    seen += n
+                    hits = logits.detach().argmax(-1) == y  # (N,) or (k, N): mean over members
+                    sums += torch.stack([losses.detach().double().mean() * n,
+                                         hits.double().mean() * n])
+                    self.add_flops(phase.name, train_flops(fwd, n * world), n * world)
+                    bar.advance(1, f"loss {sums[0].item() / seen:.3f} lr {lr:.4g}"
+                                if bar.enabled else "")
+                    if stop:
+                        self.checkpoint_mid_epoch(phase, net, opt, epoch, step + 1)
+                        sig = signal.Signals(self.flag.signal or signal.SIGTERM)
+                        raise Interrupted(f"interrupted by {sig.name} in {phase.name}, epoch "
+                                          f"{epoch + 1}, step {step + 1}; resume with: mg train "
+                                          f"--resume {self.path}", 128 + sig.value)
             start_step = 0
             secs = time.perf_counter() - t0
             loss_sum, correct = sums.tolist()
