@@ -94,8 +94,6 @@ def train(
                 assert recipe is not None and r is not None
                 folder = out if out is not None else Path("runs") / recipe.stem
                 path = tr.train_recipe(r, folder, dev, stop_after, force)
-            # Rank 0 may still be writing: no rank tears its connections down under another.
-            dist.barrier()
         finally:
             dist.shutdown()
         if dist.is_main():

@@ -177,6 +177,9 @@ class Trainer:
         self.state["done"] = all(self.state["epochs"].get(p.name, 0) >= p.epochs
                                  for p in phases)
         self.write()
+        # Every rank returns once rank 0's checkpoint is on disk: callers may read it, and no
+        # rank tears its connections down while rank 0 still writes.
+        dist.barrier()
         return self.path
 
     def run_phase(self, phase: Phase, trained_before: int) -> int:

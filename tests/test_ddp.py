@@ -75,7 +75,6 @@ def _worker(rank: int, store: str, out: str) -> None:
     try:
         run_jobs(Path(out))
         train_recipe(step_recipe("train.sync_bn=false"), Path(out) / "nosync", torch.device("cpu"))
-        dist.barrier()  # as `mg train` does: rank 1 must not leave while rank 0 still writes
     finally:
         dist.shutdown()
 
