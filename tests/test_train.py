@@ -138,7 +138,7 @@ def test_sigterm_writes_resumable_checkpoint(tmp_path: Path) -> None:
     # One thread per process: on 2 busy cores, two threads per step can be 50x slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "mg", "train", str(ROOT / "recipes/small.toml"), "--out",
-            str(tmp_path), *tiny_sets(**{"data.synthetic_images": 1000, "data.batch_size": 4,
+            str(tmp_path), *tiny_sets(**{"data.synthetic_images": 2000, "data.batch_size": 4,
                                          "train.epochs": 1, "train.members": "joint"})]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=tmp_path, env=env)
@@ -146,7 +146,7 @@ def test_sigterm_writes_resumable_checkpoint(tmp_path: Path) -> None:
     deadline = time.time() + 60
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.1)
-    time.sleep(1.0)  # let it take some steps
+    time.sleep(1.0)  # some steps in; the epoch takes ~6 s here, so the signal lands mid-epoch
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
