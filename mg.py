@@ -86,16 +86,13 @@ def train(
         from mg_lib.runtime import resolve_device
 
         dev = resolve_device(device)
-        dist.init(dev)
-        try:
+        with dist.session(dev):
             if resume is not None:
                 path = tr.resume(resume, sets, dev, out, stop_after, force)
             else:
                 assert recipe is not None and r is not None
                 folder = out if out is not None else Path("runs") / recipe.stem
                 path = tr.train_recipe(r, folder, dev, stop_after, force)
-        finally:
-            dist.shutdown()
         if dist.is_main():
             typer.echo(str(path))
 
@@ -133,11 +130,21 @@ def evaluate(
                                    "--set data.path=cifar.npz."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
-    """Top-1, top-5 and loss of a checkpoint on the val or test split."""
-    with user_errors():
-        from mg_lib import ops
+    """Top-1, top-5 and loss of a checkpoint on the val or test split.
 
-        res = ops.eval_checkpoint(ckpt, split, member, ensemble, sets, device)
+    Under torchrun each rank evaluates its shard of the split and rank 0 prints the exact
+    numbers over the whole split.
+    """
+    with user_errors():
+        from mg_lib import distributed as dist
+        from mg_lib import ops
+        from mg_lib.runtime import resolve_device
+
+        dev = resolve_device(device)
+        with dist.session(dev):
+            res = ops.eval_checkpoint(ckpt, split, member, ensemble, sets, dev)
+        if not dist.is_main():
+            return
         text = (f"{res['what']} on {res['split']} ({res['count']} images): "
                 f"top1 {100 * res['top1']:.2f}%  top5 {100 * res['top5']:.2f}%  "
                 f"loss {res['loss']:.4f}")

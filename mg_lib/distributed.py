@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,6 +51,16 @@ def init(device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         tdist.init_process_group(backend)
+
+
+@contextmanager
+def session(device: torch.device) -> Iterator[None]:
+    """The process group of one command under torchrun (nothing without it)."""
+    init(device)
+    try:
+        yield
+    finally:
+        shutdown()
 
 
 def shutdown() -> None:

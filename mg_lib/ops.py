@@ -7,6 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
 
+import torch
+
 from . import checkpoint as ck
 from . import flops as fl
 from .data import load_data
@@ -72,8 +74,13 @@ def _check_choice(option: str, value: str | None, field: str) -> None:
 
 
 def eval_checkpoint(path: Path, split: str, member: int | None, ensemble: bool,
-                    sets: list[str], device: str = "auto") -> dict[str, Any]:
-    """`mg eval`: accuracy of a grown net, one member, or the members' ensemble."""
+                    sets: list[str], device: str | torch.device = "auto") -> dict[str, Any]:
+    """`mg eval`: accuracy of a grown net, one member, or the members' ensemble.
+
+    Inside a process group each rank walks its own shard and the counts are summed, so
+    every rank returns the numbers of the whole split.
+    """
+    from . import distributed as dist
     from .runtime import resolve_device
 
     if split not in ("val", "test"):
@@ -88,15 +95,18 @@ def eval_checkpoint(path: Path, split: str, member: int | None, ensemble: bool,
     if member is not None and not 0 <= member < arch.members:
         raise MgError(f"--member {member}: this checkpoint has members 0..{arch.members - 1}")
     recipe = override(ckpt["recipe"], sets, f"{path}: recipe")
-    dev = resolve_device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     data = load_data(recipe.data, recipe.seed)
     part = data.val if split == "val" else data.test
     if len(part) == 0:
         raise MgError(f"{path}: the {split} split is empty (data.val_fraction = 0?)")
+    shard = dist.active()
     loader = Loader(part, recipe.data.eval_batch_size, mean=data.mean, std=data.std,
-                    train=False, device=dev)
+                    train=False, device=dev, rank=dist.rank() if shard else 0,
+                    world=dist.world_size() if shard else 1)
     model = ck.model_from(ckpt, dev)
-    res = evaluate(model, loader.epoch(0), arch.members, arch.grown)
+    res = evaluate(model, loader.epoch(0), arch.members, arch.grown,
+                   reduce=dist.sum_tensor if shard else None)
     head = {"checkpoint": str(path), "stage": ckpt["stage"], "split": split}
     if arch.grown:
         return {**head, "what": f"grown net ({arch.describe()})", **res}

@@ -7,6 +7,7 @@ of one single-process step on the same batch B (SyncBN makes BN statistics globa
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -167,12 +168,25 @@ def test_sync_bn_keeps_checkpoint_keys_and_parameters() -> None:
     assert torch.equal(net(x), ref(x))
 
 
+def test_eval_walks_only_this_ranks_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What rank 1 of 2 evaluates before the reduction: its own 3 of the 7 val images."""
+    path = ck.save(new_run(step_recipe()), tmp_path / "m.pt")
+    whole = ops.eval_checkpoint(path, "val", None, False, [], "cpu")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "active", lambda: True)
+    monkeypatch.setattr(dist, "sum_tensor", lambda t: t)  # no peer: rank 1's counts alone
+    part = ops.eval_checkpoint(path, "val", None, False, [], "cpu")
+    assert (whole["count"], part["count"]) == (7, 3)
+
+
 # ------------------------------------------------------------------ through torchrun
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc_per_node=2 -m mg ARGS...` on CPU."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={WORLD}", "-m", "mg", "train", *args]
+           f"--nproc_per_node={WORLD}", "-m", "mg", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
@@ -182,7 +196,7 @@ def test_torchrun_train_stop_and_resume(tmp_path: Path) -> None:
     # Sequential members: each phase wraps a fresh member net in DDP; SyncBN on.
     sets = tiny_sets(**{"train.epochs": 2, "train.members": "sequential",
                         "train.sync_bn": True, "data.val_fraction": 0.27})
-    r = torchrun(str(ROOT / "recipes/small.toml"), "--out", str(out), "--stop-after", "1",
+    r = torchrun("train", str(ROOT / "recipes/small.toml"), "--out", str(out), "--stop-after", "1",
                  *sets)
     assert r.returncode == 0, r.stderr
     path = out / "members.pt"
@@ -193,7 +207,7 @@ def test_torchrun_train_stop_and_resume(tmp_path: Path) -> None:
     assert c["train"]["epochs"] == {"member0": 1} and not c["train"]["done"]
     assert len(c["history"]) == 1
 
-    r = torchrun("--resume", str(path))
+    r = torchrun("train", "--resume", str(path))
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [str(path)]
     c = ck.load(path)
@@ -207,3 +221,13 @@ def test_torchrun_train_stop_and_resume(tmp_path: Path) -> None:
     res = ops.eval_checkpoint(path, "val", 1, False, [], "cpu")
     assert c["history"][-1]["val_top1"] == res["top1"]
     assert c["history"][-1]["val_loss"] == pytest.approx(res["loss"], rel=1e-6)
+
+    # `mg eval` under torchrun: shards reduced, one JSON object from rank 0, exactly the
+    # one-process numbers (ensemble and per member, 13 images).
+    r = torchrun("eval", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    got, one = json.loads(r.stdout), ops.eval_checkpoint(path, "val", None, False, [], "cpu")
+    assert got["count"] == one["count"] == 13
+    for a, b in [(got, one), *zip(got["members"], one["members"], strict=True)]:
+        assert (a["top1"], a["top5"]) == (b["top1"], b["top5"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
