@@ -91,13 +91,14 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
         pool, test, classes = _load_npz(cfg)
     elif cfg.dataset in ("cifar10", "cifar100"):
         pool, test, classes = _load_cifar(cfg)
-    elif cfg.dataset == "imagefolder":
-        pool, test, classes = _load_imagefolder(cfg)
     elif cfg.dataset == "synthetic":
         pool, test, classes = _synthetic(cfg, seed)
-    else:  # pragma: no cover - the recipe's Literal rules this out
+    elif cfg.dataset != "imagefolder":  # pragma: no cover - the recipe's Literal rules it out
         raise MgError(f"data.dataset: unknown dataset {cfg.dataset!r}")
-    train, val = _split(pool, seed, cfg.limit, cfg.val_fraction)
+    if cfg.dataset == "imagefolder":
+        train, val, test, classes = _load_imagefolder(cfg, seed)
+    else:
+        train, val = _split(pool, seed, cfg.limit, cfg.val_fraction)
     if cfg.dataset == "cifar100":
         mean, std = CIFAR100_MEAN, CIFAR100_STD
     else:
@@ -106,8 +107,15 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
 
 
 def _split(pool: Split, seed: int, limit: int | None, val_fraction: float) -> tuple[Split, Split]:
-    """Seeded permutation of the pool, then the first `limit`, then hold out val from those."""
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    """The pool's train and val images (see split_indices)."""
+    train, val = split_indices(len(pool), seed, limit, val_fraction)
+    return pool.subset(train), pool.subset(val)
+
+
+def split_indices(n: int, seed: int, limit: int | None,
+                  val_fraction: float) -> tuple[Tensor, Tensor]:
+    """Seeded permutation of a pool of n, then the first `limit`, then val held out of those."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if limit is not None:
         order = order[:limit]
     n = len(order)
@@ -115,7 +123,7 @@ def _split(pool: Split, seed: int, limit: int | None, val_fraction: float) -> tu
     if val_fraction > 0 and n >= 2:
         n_val = max(n_val, 1)
     n_val = min(n_val, max(n - 1, 0))  # always leave at least one training image
-    return pool.subset(order[n_val:]), pool.subset(order[:n_val])
+    return order[n_val:], order[:n_val]
 
 
 def _hwc_to_split(images: np.ndarray, labels: Any) -> Split:
@@ -233,7 +241,7 @@ def _load_cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
         classes
 
 
-# imagefolder: class subfolders of images, decoded once into memory
+# imagefolder: class subfolders of images, decoded once into memory (the images in use only)
 
 
 def _imagefolder_dirs(cfg: DataConfig) -> tuple[Path, Path | None]:
@@ -264,20 +272,55 @@ def _decode(path: str, size: int) -> np.ndarray:
 
 
 def _decode_all(samples: list[tuple[str, int]], size: int, workers: int) -> Split:
-    paths = [p for p, _ in samples]
+    """Decode straight into one preallocated (N, 3, H, W) array: peak memory is the result."""
+    out = np.empty((len(samples), 3, size, size), dtype=np.uint8)
+
+    def fill(i: int) -> None:
+        out[i] = _decode(samples[i][0], size).transpose(2, 0, 1)
+
     if workers > 0:
         from concurrent.futures import ThreadPoolExecutor
 
         # PIL releases the GIL while decoding and resizing, so threads scale.
         with ThreadPoolExecutor(workers) as pool:
-            arrays = list(pool.map(lambda p: _decode(p, size), paths))
+            list(pool.map(fill, range(len(samples))))
     else:
-        arrays = [_decode(p, size) for p in paths]
-    return _hwc_to_split(np.stack(arrays), [c for _, c in samples])
+        for i in range(len(samples)):
+            fill(i)
+    return Split(torch.from_numpy(out), torch.tensor([c for _, c in samples], dtype=torch.int64))
 
 
-def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
-    """Decode every image into memory at image_size x image_size: for datasets that fit in RAM."""
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(images: int, size: int, what: str, available: int | None = None) -> None:
+    """Refuse before decoding, not an hour later when the kernel's OOM killer strikes.
+
+    Decoded images are uint8, 3·size² bytes each, held once (the Loader's device copy is the
+    same tensor on CPU); ask for a quarter of the available memory as headroom for training.
+    """
+    need = images * 3 * size * size
+    avail = available_memory() if available is None else available
+    if avail is not None and need * 5 // 4 > avail:
+        raise MgError(f"{what}: {images:,} images at {size}x{size} need {_bytes(need)} in "
+                      f"memory and {_bytes(avail)} is available; lower data.image_size or "
+                      "use data.limit")
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _load_imagefolder(cfg: DataConfig, seed: int) -> tuple[Split, Split, Split, int]:
+    """(train, val, test, classes), decoding only the images those splits use."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
@@ -290,7 +333,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     if classes < len(listing.classes):
         raise MgError(f"{train_dir}: {len(listing.classes)} class folders but data.classes is "
                       f"{classes}")
-    test_samples: list[tuple[str, int]] = []
+    pool = listing.samples
     if test_dir is not None:
         try:
             unknown = set(find_classes(test_dir)[0]) - set(listing.class_to_idx)
@@ -300,19 +343,23 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
             raise MgError(f"{test_dir}: class folders not in {train_dir}: "
                           f"{', '.join(sorted(unknown))}")
         # Label by the train folder's class indices, so a class missing from val keeps its id.
-        test_samples = make_dataset(str(test_dir), listing.class_to_idx,
-                                    extensions=IMG_EXTENSIONS, allow_empty=True)
-        if not test_samples:
+        test = make_dataset(str(test_dir), listing.class_to_idx, extensions=IMG_EXTENSIONS,
+                            allow_empty=True)
+        if not test:
             raise MgError(f"{test_dir}: no images found")
-    pool = _decode_all(listing.samples, cfg.image_size, cfg.workers)
-    if test_dir is not None:
-        return pool, _decode_all(test_samples, cfg.image_size, cfg.workers), classes
-    if len(pool) < 2:
-        raise MgError(f"{train_dir}: need at least 2 images to hold out a test split")
-    # Fixed seed, not the run's: every run of this folder is tested on the same images.
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
-    n_test = min(max(1, round(IMAGEFOLDER_TEST_FRACTION * len(pool))), len(pool) - 1)
-    return pool.subset(order[n_test:]), pool.subset(order[:n_test]), classes
+    else:
+        if len(pool) < 2:
+            raise MgError(f"{train_dir}: need at least 2 images to hold out a test split")
+        # Fixed seed, not the run's: every run of this folder is tested on the same images.
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0)).tolist()
+        n_test = min(max(1, round(IMAGEFOLDER_TEST_FRACTION * len(pool))), len(pool) - 1)
+        pool, test = [pool[i] for i in order[n_test:]], [pool[i] for i in order[:n_test]]
+    train_i, val_i = split_indices(len(pool), seed, cfg.limit, cfg.val_fraction)
+    train, val = [pool[i] for i in train_i.tolist()], [pool[i] for i in val_i.tolist()]
+    check_fits(len(train) + len(val) + len(test), cfg.image_size, str(train_dir))
+    size, workers = cfg.image_size, cfg.workers
+    return (_decode_all(train, size, workers), _decode_all(val, size, workers),
+            _decode_all(test, size, workers), classes)
 
 
 # synthetic: learnable images for smoke tests, no files needed

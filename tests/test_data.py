@@ -347,6 +347,42 @@ def test_imagefolder_flat_holds_out_fixed_test(tmp_path):
         load_data(cfg.model_copy(update={"path": str(tmp_path / "absent")}), 0)
 
 
+def test_imagefolder_decodes_only_the_images_in_use(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        write_images(tmp_path / name, COLOURS[name], 10)  # 20 images: 2 test, 18 pool
+    decoded = []
+    real = mgdata._decode
+    monkeypatch.setattr(mgdata, "_decode", lambda p, size: decoded.append(p) or real(p, size))
+    cfg = DataConfig(dataset="imagefolder", path=str(tmp_path), image_size=8, val_fraction=0.2,
+                     limit=5)
+    d = load_data(cfg, 3)
+    assert (len(d.train), len(d.val), len(d.test)) == (4, 1, 2)
+    assert len(decoded) == len(set(decoded)) == 7  # not the other 13
+    for split in (d.train, d.val, d.test):
+        assert colour_labels(split) == split.labels.tolist()
+    # The same split as cutting the whole decoded pool: the seeded order's first 5, val first.
+    full = load_data(cfg.model_copy(update={"limit": None, "val_fraction": 0.0}), 3)
+    assert torch.equal(d.test.images, full.test.images)
+    assert torch.equal(d.val.labels, full.train.labels[:1])
+    assert torch.equal(d.train.labels, full.train.labels[1:5])
+    assert torch.equal(d.train.images, full.train.images[1:5])
+
+
+def test_imagefolder_refuses_what_does_not_fit_before_decoding(tmp_path, monkeypatch):
+    write_images(tmp_path / "a", COLOURS["a"], 3)
+    write_images(tmp_path / "b", COLOURS["b"], 3)
+    monkeypatch.setattr(mgdata, "_decode", lambda p, size: pytest.fail("decoded"))
+    # 6 images at 224x224 are 903,168 bytes: with a quarter more as headroom, 1 MB is short.
+    monkeypatch.setattr(mgdata, "available_memory", lambda: 1_000_000)
+    cfg = DataConfig(dataset="imagefolder", path=str(tmp_path), image_size=224)
+    msg = r"6 images at 224x224 need 0\.9 MiB in memory and 1\.0 MiB .*data\.limit"
+    with pytest.raises(MgError, match=msg):
+        load_data(cfg, 0)
+    mgdata.check_fits(6, 224, "x", available=1_130_000)  # 903,168 x 1.25 = 1,128,960 fits
+    with pytest.raises(MgError):
+        mgdata.check_fits(6, 224, "x", available=1_128_000)
+
+
 # ---------------------------------------------------------------- synthetic
 
 
