@@ -87,17 +87,17 @@ def num_classes(cfg: DataConfig) -> int:
 
 def load_data(cfg: DataConfig, seed: int) -> Data:
     """Load a dataset and split its train pool into train and val (seeded)."""
-    if cfg.dataset == "npz":
-        pool, test, classes = _load_npz(cfg)
-    elif cfg.dataset in ("cifar10", "cifar100"):
-        pool, test, classes = _load_cifar(cfg)
-    elif cfg.dataset == "synthetic":
-        pool, test, classes = _synthetic(cfg, seed)
-    elif cfg.dataset != "imagefolder":  # pragma: no cover - the recipe's Literal rules it out
-        raise MgError(f"data.dataset: unknown dataset {cfg.dataset!r}")
-    if cfg.dataset == "imagefolder":
+    if cfg.dataset == "imagefolder":  # splits the file list first: decodes only what it uses
         train, val, test, classes = _load_imagefolder(cfg, seed)
     else:
+        if cfg.dataset == "npz":
+            pool, test, classes = _load_npz(cfg)
+        elif cfg.dataset in ("cifar10", "cifar100"):
+            pool, test, classes = _load_cifar(cfg)
+        elif cfg.dataset == "synthetic":
+            pool, test, classes = _synthetic(cfg, seed)
+        else:  # pragma: no cover - the recipe's Literal rules this out
+            raise MgError(f"data.dataset: unknown dataset {cfg.dataset!r}")
         train, val = _split(pool, seed, cfg.limit, cfg.val_fraction)
     if cfg.dataset == "cifar100":
         mean, std = CIFAR100_MEAN, CIFAR100_STD

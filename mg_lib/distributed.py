@@ -66,8 +66,9 @@ def session(device: torch.device) -> Iterator[None]:
 def shutdown() -> None:
     """Leave the process group (a no-op outside one).
 
-    Garbage first: a DDP wrapper caught in a reference cycle still holds the group, and gloo
-    threads that outlive destroy_process_group can abort the process at interpreter exit.
+    Garbage is collected first, so that nothing left in a reference cycle (a DDP wrapper, its
+    reducer) still holds the group: gloo threads that outlive destroy_process_group can abort
+    the process at interpreter exit (seen once in CI as SIGABRT in a spawned rank).
     """
     if tdist.is_initialized():
         gc.collect()
