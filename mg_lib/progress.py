@@ -26,9 +26,8 @@ class Progress:
     def __init__(self, label: str, total: int):
         from . import distributed as dist
 
-        self.enabled = sys.stderr.isatty() and dist.is_main()
         self._bar: Any = None
-        if self.enabled:
+        if sys.stderr.isatty() and dist.is_main():
             import rich.progress as rp
             from rich.console import Console
 
@@ -37,6 +36,11 @@ class Progress:
                 rp.TextColumn("{task.fields[note]}"), rp.TimeRemainingColumn(),
                 console=Console(stderr=True), transient=True, refresh_per_second=10)
             self._task = self._bar.add_task(label, total=total, note="")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a bar is drawn (callers skip building notes nobody sees)."""
+        return self._bar is not None
 
     def __enter__(self) -> Progress:
         if self._bar is not None:
